@@ -100,7 +100,8 @@ def embedded_sae_path(name: str) -> Path:
     if not (path / "cfg.json").is_file():
         raise SteerscopeError(
             f"no embedded SAE named '{name}'",
-            f"choose one of {', '.join(embedded_sae_names()) or '(none: run steerscope train-sae)'}",
+            "choose one of "
+            + (", ".join(embedded_sae_names()) or "(none: run steerscope train-sae)"),
         )
     return path
 
