@@ -32,6 +32,10 @@ def atomic_path(path: str | Path):  # noqa: ANN201 - a context manager yielding 
     os.close(fd)
     try:
         yield Path(tmp)
+        # mkstemp makes the file private (0600); a result file gets the usual umask mode
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
