@@ -79,3 +79,14 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def real_subject(shared_data: Path) -> Subject:
     return Subject.load(shared_data / "tinystories-656k")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module, restored afterwards: tiny models gain nothing from
+    threads, and on a shared CPU OpenMP's spin-waiting makes each tiny op far slower. Use it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 from conftest import tiny_sae
 from typer.testing import CliRunner
 
@@ -18,12 +17,7 @@ SMALL = ["--contexts", "3", "--stats-contexts", "4", "--context-length", "48", "
          "0.1,0.5", "--runs", "1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from steerscope.sensitivity import SensitivityConfig, findings, run_sensitivity
 from steerscope.subject import Subject
@@ -20,13 +19,7 @@ SITE = "blocks.0.hook_resid_post"
 LENGTHS = (0.005, 0.01, 0.05, 0.1, 0.2, 0.3, 0.5)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls on a shared 2-core machine run far faster on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
