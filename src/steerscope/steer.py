@@ -27,8 +27,8 @@ def steer_side_by_side(
     lens = load_sae(source, sae_id, hook=hook)
     lens.check(subject)
     op = AdditiveSteer(feature, strength, unit=unit, positions=positions)  # type: ignore[arg-type]
-    edit = op.edit(lens)
+    op.edit(lens)  # validates feature, strength and positions before any generation
     sampling = sampling or Sampling()
     clean = generate(subject, [prompt], sampling)[0]
-    steered = generate(subject, [prompt], sampling, edits={lens.hook: edit})[0]
+    steered = generate(subject, [prompt], sampling, op=op, sae=lens, site=hook or lens.hook)[0]
     return clean, steered
