@@ -811,6 +811,7 @@ def report_section(
 def _page(section: str) -> str:
     return ("<!doctype html><html><head><meta charset='utf-8'><title>steerscope — steered "
             "generation</title><style>body{font-family:sans-serif;max-width:1400px;margin:auto}"
+            "img{max-width:100%;height:auto}"
             "table{border-collapse:collapse;font-size:12px;margin:6px 0}td,th{border:1px solid "
             f"#ccc;padding:2px 6px}}</style></head><body>{section}</body></html>\n")
 
