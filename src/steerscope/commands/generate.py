@@ -110,14 +110,9 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         _set_threads(threads)
         from steerscope.assets import DEFAULT_SAE, resolve_model, resolve_sae
         from steerscope.errors import SteerscopeError
-        from steerscope.filtering import (
-            EvalConfig,
-            load_prefixes,
-            run_generation_eval,
-            write_combined_report,
-            write_outputs,
-        )
+        from steerscope.filtering import EvalConfig, load_prefixes, run_generation_eval
         from steerscope.generation import Sampling
+        from steerscope.report.generation import write_combined_report, write_outputs
         from steerscope.saes import load_sae
         from steerscope.store import manifest
         from steerscope.subject import Subject
