@@ -11,22 +11,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from transformers import (
-    Gemma2Config,
-    Gemma2ForCausalLM,
-    GPT2Config,
-    GPT2LMHeadModel,
-    GPTNeoConfig,
-    GPTNeoForCausalLM,
-    GPTNeoXConfig,
-    GPTNeoXForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from families import make_model, perturb
 
 from steerscope import engine as engine_mod
 from steerscope.engine import CleanPrefix
@@ -40,63 +25,28 @@ FAMILIES = ["gpt2", "neox", "gpt_neo", "llama", "llama_sdpa", "mistral", "qwen2_
 torch.set_num_threads(2)
 
 
-def _llama_kwargs(attn: str = "eager") -> dict:
-    return dict(
-        vocab_size=VOCAB, hidden_size=D, intermediate_size=2 * D, num_hidden_layers=N_LAYERS,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        attn_implementation=attn,
-    )
-
-
-def _make(family: str) -> torch.nn.Module:
-    if family == "gpt2":
-        return GPT2LMHeadModel(GPT2Config(
-            vocab_size=VOCAB, n_positions=64, n_embd=D, n_layer=N_LAYERS, n_head=4,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2,
-        ))
-    if family == "neox":
-        return GPTNeoXForCausalLM(GPTNeoXConfig(
-            vocab_size=VOCAB, hidden_size=D, num_hidden_layers=N_LAYERS, num_attention_heads=4,
-            intermediate_size=2 * D, max_position_embeddings=64, rotary_pct=0.5,
-            hidden_dropout=0.0, attention_dropout=0.0, tie_word_embeddings=False,
-        ))
-    if family == "gpt_neo":
-        return GPTNeoForCausalLM(GPTNeoConfig(
-            vocab_size=VOCAB, max_position_embeddings=64, hidden_size=D, num_layers=N_LAYERS,
-            attention_types=[[["global", "local"], 1], [["global"], 1]], num_heads=4,
-            intermediate_size=2 * D, window_size=WINDOW, resid_dropout=0.0, embed_dropout=0.0,
-            attention_dropout=0.0, bos_token_id=1, eos_token_id=2,
-        ))
-    if family == "llama":
-        return LlamaForCausalLM(LlamaConfig(**_llama_kwargs()))
-    if family == "llama_sdpa":
-        return LlamaForCausalLM(LlamaConfig(**_llama_kwargs("sdpa")))
-    if family == "mistral":
-        return MistralForCausalLM(MistralConfig(**_llama_kwargs("sdpa"), sliding_window=WINDOW))
-    if family == "qwen2_sliding":
-        return Qwen2ForCausalLM(Qwen2Config(
-            **_llama_kwargs("sdpa"), use_sliding_window=True, sliding_window=WINDOW,
-            max_window_layers=1,
-            layer_types=["full_attention", "sliding_attention", "sliding_attention"],
-        ))
-    if family == "gemma2":
-        return Gemma2ForCausalLM(Gemma2Config(
-            **_llama_kwargs(), head_dim=16, query_pre_attn_scalar=16, sliding_window=WINDOW,
-            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-            attn_logit_softcapping=50.0, final_logit_softcapping=5.0,
-        ))
-    raise AssertionError(family)
+# engine family name → (factory family, attention implementation, config overrides)
+_SPECS: dict[str, tuple[str, str | None, dict]] = {
+    "gpt2": ("gpt2", None, {}),  # None: transformers' default attention (SDPA where supported)
+    "neox": ("neox_parallel", None, {}),
+    "gpt_neo": ("gpt_neo", None, {}),
+    "llama": ("llama", "eager", {}),
+    "llama_sdpa": ("llama", "sdpa", {}),
+    "mistral": ("mistral", "sdpa", {}),
+    "qwen2_sliding": ("qwen2", "sdpa", dict(
+        use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1,
+        layer_types=["full_attention", "sliding_attention", "sliding_attention"])),
+    "gemma2": ("gemma2", "eager", {}),
+}
 
 
 @functools.cache
 def _subject(family: str) -> Subject:
     torch.manual_seed(0)
-    model = _make(family).float().eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.1)
-    return Subject(model)
+    base, attn, overrides = _SPECS[family]
+    model = make_model(base, vocab=VOCAB, d=D, n_layers=N_LAYERS, window=WINDOW, attn=attn,
+                       **overrides)
+    return Subject(perturb(model.float().eval()))
 
 
 def _ids(n: int = 6, seed: int = 0) -> torch.Tensor:

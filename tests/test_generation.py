@@ -242,30 +242,16 @@ def test_bad_input(subject, sae) -> None:
 
 
 def _family_model(family: str):
-    from transformers import (
-        Gemma2Config,
-        Gemma2ForCausalLM,
-        GPT2Config,
-        GPT2LMHeadModel,
-        GPTNeoXConfig,
-        GPTNeoXForCausalLM,
-    )
+    """GPT-2: learned absolute positions (position ids must skip the padding); NeoX: rotary;
+    Gemma-2: a sliding window (4) shorter than prompt + generation."""
+    from families import make_model
 
     from steerscope.subject import Subject
 
     torch.manual_seed(0)
-    if family == "gpt2":  # learned absolute positions: position ids must skip the padding
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=D, n_layer=2,
-                                           n_head=4, bos_token_id=1, eos_token_id=2))
-    elif family == "gpt_neox":
-        model = GPTNeoXForCausalLM(GPTNeoXConfig(
-            vocab_size=VOCAB, hidden_size=D, num_hidden_layers=2, num_attention_heads=4,
-            intermediate_size=2 * D, max_position_embeddings=64, rotary_pct=0.5))
-    else:  # gemma2: sliding-window layers shorter than prompt + generation
-        model = Gemma2ForCausalLM(Gemma2Config(
-            vocab_size=VOCAB, hidden_size=D, intermediate_size=2 * D, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
-            sliding_window=4, layer_types=["sliding_attention", "full_attention"]))
+    base = {"gpt_neox": "neox_parallel"}.get(family, family)
+    overrides = {"head_dim": 8, "query_pre_attn_scalar": 8} if family == "gemma2" else {}
+    model = make_model(base, vocab=VOCAB, d=D, n_layers=2, window=4, attn=None, **overrides)
     return Subject(model.eval())
 
 

@@ -18,22 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import (
-    Gemma2Config,
-    Gemma2ForCausalLM,
-    GPT2Config,
-    GPT2LMHeadModel,
-    GPTNeoConfig,
-    GPTNeoForCausalLM,
-    GPTNeoXConfig,
-    GPTNeoXForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from families import make_model, perturb
 
 from steerscope.errors import SteerscopeError
 from steerscope.subject import Subject
@@ -60,96 +45,12 @@ FAMILIES = [
 
 
 # ---------------------------------------------------------------------------------- models
-def _llama_kwargs() -> dict[str, Any]:
-    return dict(
-        vocab_size=VOCAB,
-        hidden_size=D,
-        intermediate_size=2 * D,
-        num_hidden_layers=N_LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        attn_implementation="eager",
-    )
-
-
-def _make(family: str) -> torch.nn.Module:
-    if family == "gpt2":
-        cfg = GPT2Config(
-            vocab_size=VOCAB,
-            n_positions=64,
-            n_embd=D,
-            n_layer=N_LAYERS,
-            n_head=4,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            attn_implementation="eager",
-        )
-        return GPT2LMHeadModel(cfg)
-    if family.startswith("neox"):
-        cfg = GPTNeoXConfig(
-            vocab_size=VOCAB,
-            hidden_size=D,
-            num_hidden_layers=N_LAYERS,
-            num_attention_heads=4,
-            intermediate_size=2 * D,
-            max_position_embeddings=64,
-            rotary_pct=0.5,
-            use_parallel_residual=family == "neox_parallel",
-            hidden_dropout=0.0,
-            attention_dropout=0.0,
-            tie_word_embeddings=False,
-            attn_implementation="eager",
-        )
-        return GPTNeoXForCausalLM(cfg)
-    if family == "gpt_neo":
-        cfg = GPTNeoConfig(
-            vocab_size=VOCAB,
-            max_position_embeddings=64,
-            hidden_size=D,
-            num_layers=N_LAYERS,
-            attention_types=[[["global", "local"], 1], [["global"], 1]],  # global, local, global
-            num_heads=4,
-            intermediate_size=2 * D,
-            window_size=WINDOW,
-            resid_dropout=0.0,
-            embed_dropout=0.0,
-            attention_dropout=0.0,
-            attn_implementation="eager",
-        )
-        return GPTNeoForCausalLM(cfg)
-    if family == "llama":
-        return LlamaForCausalLM(LlamaConfig(**_llama_kwargs()))
-    if family == "mistral":
-        return MistralForCausalLM(MistralConfig(**_llama_kwargs(), sliding_window=WINDOW))
-    if family == "qwen2":
-        return Qwen2ForCausalLM(Qwen2Config(**_llama_kwargs()))
-    if family == "gemma2":
-        cfg = Gemma2Config(
-            **_llama_kwargs(),
-            head_dim=16,
-            query_pre_attn_scalar=16,
-            sliding_window=WINDOW,
-            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-            attn_logit_softcapping=50.0,
-            final_logit_softcapping=1.0,  # small so the soft-cap is far from linear
-        )
-        return Gemma2ForCausalLM(cfg)
-    raise AssertionError(family)
-
-
 @functools.cache
 def _build(family: str) -> Subject:
     torch.manual_seed(0)
-    model = _make(family).float().eval()
-    # Perturb every parameter (norm gains, biases, Gemma's zero-initialised norms) so that no
-    # module is close to an identity and a wrong mapping cannot pass by accident.
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.1)
-    return Subject(model)
+    overrides = {"final_logit_softcapping": 1.0} if family == "gemma2" else {}  # far from linear
+    model = make_model(family, vocab=VOCAB, d=D, n_layers=N_LAYERS, window=WINDOW, **overrides)
+    return Subject(perturb(model.float().eval()))
 
 
 def _ids(seed: int = 0) -> torch.Tensor:
