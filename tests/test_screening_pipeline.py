@@ -131,6 +131,34 @@ def test_screen_job_reuses_what_did_not_change(
     assert "evaluation" not in changed.reused
 
 
+def test_an_edited_corpus_of_the_same_size_is_a_new_corpus(
+    cfg: ScreenConfig, shared_data: Path, tmp_path: Path,
+) -> None:
+    """The stage cache is keyed by the corpus content, not its path or size."""
+    corpus = tmp_path / "corpus.txt"
+    text = (shared_data / "corpora" / "tinystories-train.txt").read_text(encoding="utf-8")
+    corpus.write_text(text, encoding="utf-8")
+    small = replace(cfg, corpus=str(corpus))
+    out = tmp_path / "run"
+
+    def stop_at_labels(what: str, _frac: float) -> None:
+        if what.startswith("labels"):
+            raise _Stop
+
+    def predictor_key() -> str:
+        return json.loads((out / "manifest.json").read_text())["stages"]["predictors"]["key"]
+
+    with pytest.raises(_Stop):
+        run_screen(out, small, stop_at_labels)
+    first = predictor_key()
+    i = text.index("Once")
+    corpus.write_text(text[:i] + "Only" + text[i + 4:], encoding="utf-8")  # same size
+    assert corpus.stat().st_size == len(text.encode())
+    with pytest.raises(_Stop):
+        run_screen(out, small, stop_at_labels)
+    assert predictor_key() != first
+
+
 def test_labels_from_another_sae_are_refused(
     cfg: ScreenConfig, run_dir: tuple[Path, dict], tmp_path: Path,
 ) -> None:

@@ -110,6 +110,15 @@ def weights_digest(sae: Any) -> str:
     return h.hexdigest()[:16]
 
 
+def file_digest(path: Path) -> str:
+    """A corpus by its content: an edited corpus (even one of the same size) is a new corpus."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
 def default_downstream(sae: str) -> str:
     """The same embedded architecture one block later (``relu-blocks.0…`` → ``relu-blocks.1…``)."""
     import re
@@ -287,7 +296,7 @@ class _Job:
         cpath = assets.corpus_path(cfg.corpus)
         key = digest({"model": assets.resolve_model(cfg.model), "sae": cfg.sae,
                       "sae_w": weights_digest(self.sae), "corpus": str(cpath),
-                      "corpus_size": cpath.stat().st_size, "config": asdict(pcfg)})
+                      "corpus_sha": file_digest(cpath), "config": asdict(pcfg)})
         self.pred_meta = {"model": self.model_path, "sae": self.sae.name}
         if self.fresh("predictors", key, "predictors.parquet"):
             return store.read_parquet(self.out / "predictors.parquet"), key
@@ -371,6 +380,7 @@ class _Job:
 
             key = digest({"l": lkey, "features": sorted(int(f) for f in features),
                           "corpus": cfg.heldout_corpus, "n": cfg.heldout_contexts,
+                          "corpus_sha": file_digest(assets.corpus_path(cfg.heldout_corpus)),
                           "len": cfg.context_length, "seed": cfg.seed})
             if self.fresh("heldout_labels", key, "heldout_labels.parquet"):
                 return store.read_parquet(self.out / "heldout_labels.parquet")
