@@ -78,7 +78,7 @@ class ScreenConfig:
     heldout_set: str = "geometry"
     conformal_alpha: float = 0.2
     n_cards: tuple[int, int] = (8, 4)  # cleanest, messiest
-    card_strength: float = 4.0  # × the feature's max activation
+    card_strength: float = 1.0  # × max activation; 4× degenerates into repetition on small models
     card_prompt: str = "Once upon a time, there was a little "
     card_tokens: int = 30
     memory_mb: float = 512.0
