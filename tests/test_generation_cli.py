@@ -257,3 +257,25 @@ def test_steer_uses_kv_cached_generation(setup, real_subject, monkeypatch, posit
         new.append(nxt)
     assert steered == tok.decode(new, skip_special_tokens=True) and steered != clean
 
+
+
+def test_all_embedded_runs_the_three_architectures_into_one_report(setup, tmp_path: Path) -> None:
+    """--all-embedded: ReLU, JumpReLU and TopK at blocks.0, each in its own directory, and one
+    combined report with a filter-curve panel per architecture."""
+    out = tmp_path / "all"
+    args = ["generate-eval", "--out", str(out), "--all-embedded", "--features", "4",
+            "--strengths", "0.4,3", "--prefixes", setup["prefixes"], "--max-new-tokens", "4",
+            "--batch-size", "32"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    archs = set()
+    for arch in ("relu", "jumprelu", "topk"):
+        data = json.loads((out / f"{arch}-blocks.0.hook_resid_post" / "filter.json").read_text())
+        assert data["n_features"] == 4
+        archs.add(data["architecture"])
+    assert archs == {"standard", "jumprelu", "topk"}
+    page = (out / "generation.html").read_text()
+    assert page.count("data:image/png;base64,") >= 1
+    for name in ("ReLU", "JumpReLU", "TopK"):
+        assert name in page
+    _one_error_line(runner.invoke(app, [*args, "--sae", setup["sae"]]), "--all-embedded")

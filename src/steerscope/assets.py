@@ -95,6 +95,19 @@ def embedded_sae_names() -> list[str]:
     return sorted(p.name for p in EMBEDDED_SAES.iterdir() if (p / "cfg.json").is_file())
 
 
+EMBEDDED_ARCHS = ("relu", "jumprelu", "topk")
+
+
+def embedded_architectures(hook: str = "blocks.0.hook_resid_post") -> list[str]:
+    """The ReLU, JumpReLU and TopK embedded SAEs at ``hook`` (the papers' three architectures)."""
+    names = [f"{arch}-{hook}" for arch in EMBEDDED_ARCHS]
+    missing = [n for n in names if n not in embedded_sae_names()]
+    if missing:
+        raise SteerscopeError(f"the embedded SAE '{missing[0]}' is missing",
+                              "reinstall steerscope or run `steerscope train-sae`")
+    return names
+
+
 def embedded_sae_path(name: str) -> Path:
     path = EMBEDDED_SAES / name
     if not (path / "cfg.json").is_file():

@@ -47,7 +47,6 @@ Progress = Callable[[str, float], None]
 
 FILES = ("predictors.parquet", "labels.parquet", "heldout_labels.parquet", "screen.parquet",
          "evaluation.json", "report.html", "manifest.json")
-EMBEDDED_ARCHS = ("relu", "jumprelu", "topk")
 
 
 @dataclass(frozen=True)
@@ -530,11 +529,8 @@ def run_all_embedded(
     """The screen on the three embedded architectures at block 0 (downstream: block 1), each
     into ``out/<sae name>/``."""
     runs = []
-    for arch in EMBEDDED_ARCHS:
-        name = f"{arch}-blocks.0.hook_resid_post"
-        if name not in assets.embedded_sae_names():
-            raise SteerscopeError(f"the embedded SAE '{name}' is missing",
-                                  "reinstall steerscope or run `steerscope train-sae`")
+    for name in assets.embedded_architectures("blocks.0.hook_resid_post"):
+        arch = name.split("-")[0]
         cfg = replace(config, sae=name, downstream_sae=None)
 
         def prog(w: str, f: float, arch: str = arch) -> None:

@@ -68,6 +68,9 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             "--sae", help="embedded SAE name, SAELens directory or release:sae_id; repeat it "
                           "for several SAEs (each in DIR/<name>/, one combined report)")
         ] = None,
+        all_embedded: Annotated[bool, typer.Option(
+            "--all-embedded", help="the ReLU, JumpReLU and TopK embedded SAEs at blocks.0, each "
+                                   "in DIR/<name>/, one combined report")] = False,
         model: ModelOpt = None,
         features: Annotated[str, typer.Option(
             help="how many random features (e.g. 512), or a comma list of indices")] = "512",
@@ -108,7 +111,12 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         """
         _quiet_hf()
         _set_threads(threads)
-        from steerscope.assets import DEFAULT_SAE, resolve_model, resolve_sae
+        from steerscope.assets import (
+            DEFAULT_SAE,
+            embedded_architectures,
+            resolve_model,
+            resolve_sae,
+        )
         from steerscope.errors import SteerscopeError
         from steerscope.filtering import EvalConfig, load_prefixes, run_generation_eval
         from steerscope.generation import Sampling
@@ -129,7 +137,11 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         )
         sampling.check()
         load_prefixes(prefixes)  # fail on a bad prefix list before loading anything
-        specs = list(dict.fromkeys(sae or [DEFAULT_SAE]))
+        if all_embedded and sae:
+            raise SteerscopeError("--all-embedded and --sae both choose the SAEs",
+                                  "give one of them")
+        specs = (embedded_architectures() if all_embedded
+                 else list(dict.fromkeys(sae or [DEFAULT_SAE])))
         if len(specs) > 1 and (predictors is not None or screen is not None):
             raise SteerscopeError(
                 "--predictors / --screen tables belong to one SAE, but several --sae were given",
